@@ -1,0 +1,1 @@
+"""Authentication: the client's signed tokens and the public keys they use."""

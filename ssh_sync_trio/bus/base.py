@@ -1,0 +1,73 @@
+"""What a bus promises, whichever process or store backs it."""
+
+from __future__ import annotations
+
+from contextlib import AbstractAsyncContextManager
+from typing import Protocol
+
+import attrs
+
+from ssh_sync_trio.bus.events import Address, Event
+from ssh_sync_trio.bus.mailboxes import Mailbox
+
+
+class BusError(Exception):
+    """Base of the bus's refusals."""
+
+
+class PhraseTaken(BusError):
+    """The phrase is already registered; make up another."""
+
+
+class TooManyPending(BusError):
+    """The user already has as many open phrases as allowed."""
+
+
+class BusUnavailable(BusError):
+    """The bus cannot serve pairings right now (Redis is unreachable)."""
+
+
+@attrs.frozen
+class BusStatistics:
+    """A snapshot of a bus's state and of what it dropped, for tests and ops."""
+
+    mailboxes: int
+    phrases: int
+    claims: int
+    dropped: int
+    malformed: int = 0
+    unknown: int = 0
+    healthy: bool = True
+
+
+class Bus(Protocol):
+    """How the two sides of a pairing meet and exchange events.
+
+    - `register(phrase, username, challenger)`: the phrase is new, belongs to
+      `username`, and expires after `ttl` seconds; raises `PhraseTaken`,
+      `TooManyPending` or `BusUnavailable`.
+    - `claim(phrase, username)`: atomic and single use; returns the
+      challenger's address, or None for an unknown, expired, claimed or
+      other user's phrase.
+    - `release(phrase)`: the challenger is done; the phrase and claim go.
+      Returns whether the phrase had been claimed.
+    - `send(to, event)`: deliver to a mailbox on any node; never waits for
+      the receiving side.
+    - `open_mailbox()`: a bounded mailbox on this node, gone on exit.
+    """
+
+    node_id: str
+
+    def open_mailbox(self) -> AbstractAsyncContextManager[Mailbox]: ...
+
+    async def register(
+        self, phrase: str, username: str, challenger: Address, *, ttl: float
+    ) -> None: ...
+
+    async def claim(self, phrase: str, username: str) -> Address | None: ...
+
+    async def release(self, phrase: str) -> bool: ...
+
+    async def send(self, to: Address, event: Event) -> None: ...
+
+    def statistics(self) -> BusStatistics: ...

@@ -1,0 +1,1 @@
+"""The HTTP layer: routes, request parsing, the client's JSON, errors."""

@@ -1,0 +1,1 @@
+"""Pairing a new machine: the handshake of PROTOCOL.md section 4."""

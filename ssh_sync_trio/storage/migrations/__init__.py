@@ -1,0 +1,1 @@
+"""Alembic migrations; run through `ssh_sync_trio.storage.migrate`."""
