@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, mldsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 _PEM = re.compile(
-    rb"-----BEGIN (?P<label>[A-Z0-9 ]+)-----\r?\n"
+    rb"-----BEGIN (?P<label>[A-Z0-9][A-Z0-9 -]*?)-----\r?\n"
     rb"(?P<body>[A-Za-z0-9+/=\r\n]*?)"
     rb"-----END (?P=label)-----"
 )
