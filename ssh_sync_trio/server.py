@@ -20,6 +20,7 @@ from sqlalchemy.exc import DBAPIError
 
 from ssh_sync_trio.bus import Bus, MemoryBus
 from ssh_sync_trio.config import Settings
+from ssh_sync_trio.http import hypercorn_fix
 from ssh_sync_trio.http.app import build_app
 from ssh_sync_trio.pairing.service import Pairings
 from ssh_sync_trio.services import Services
@@ -27,6 +28,8 @@ from ssh_sync_trio.storage import migrate
 from ssh_sync_trio.storage.store import describe, open_store
 
 log = logging.getLogger("ssh_sync_trio.server")
+
+hypercorn_fix.install()
 
 # Hypercorn drops a connection whose WebSocket message passes this; below
 # it, the pairing code refuses messages over 1 MiB with an error message.

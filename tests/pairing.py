@@ -14,10 +14,10 @@ from typing import Any
 
 import attrs
 import trio
-from trio_websocket import WebSocketConnection, open_websocket_url
+from trio_websocket import ConnectionRejected, WebSocketConnection, wrap_client_stream
 
 from ssh_sync_trio.server import RunningServer
-from tests import harness, sshclient
+from tests import sshclient
 
 READ_TIMEOUT = 10.0
 MASTER_KEY = b"the user's master key, sealed for the new machine"
@@ -47,21 +47,43 @@ async def receive(ws: WebSocketConnection, timeout: float = READ_TIMEOUT) -> Rep
 
 
 @asynccontextmanager
-async def new_machine_socket(node: RunningServer) -> AsyncIterator[WebSocketConnection]:
-    """Machine B's socket: `/setup/existing`, no authentication."""
-    async with open_websocket_url(harness.ws_url(node, "/setup/existing")) as ws:
-        yield ws
-
-
-@asynccontextmanager
-async def existing_machine_socket(
-    node: RunningServer, machine: sshclient.Machine
+async def open_socket(
+    node: RunningServer, path: str, headers: list[tuple[str, str]] | None = None
 ) -> AsyncIterator[WebSocketConnection]:
+    """A client WebSocket to `path` under `/api/v1`, on a TCP stream we own.
+
+    trio-websocket's own `open_websocket_url` never closes its TCP stream
+    when the server closes first (it waits for the server's TCP close, then
+    forgets the socket), which leaks a socket per test; owning the stream
+    here closes it whatever happened.
+    """
+    host, port = node.url.removeprefix("http://").rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    try:
+        async with stream, trio.open_nursery() as nursery:
+            ws = await wrap_client_stream(
+                nursery, stream, host, "/api/v1" + path, extra_headers=headers or []
+            )
+            try:
+                yield ws
+            finally:
+                with trio.move_on_after(READ_TIMEOUT) as cleanup:
+                    cleanup.shield = True
+                    await ws.aclose()
+                nursery.cancel_scope.cancel()
+    except* ConnectionRejected as rejected:
+        # Raised in the connection's reader task; tests expect it bare.
+        raise rejected.exceptions[0] from None
+
+
+def new_machine_socket(node: RunningServer) -> Any:
+    """Machine B's socket: `/setup/existing`, no authentication."""
+    return open_socket(node, "/setup/existing")
+
+
+def existing_machine_socket(node: RunningServer, machine: sshclient.Machine) -> Any:
     """Machine A's socket: `/setup/challenge`, token in the upgrade request."""
-    headers = [(k, v) for k, v in machine.headers().items()]
-    url = harness.ws_url(node, "/setup/challenge")
-    async with open_websocket_url(url, extra_headers=headers) as ws:
-        yield ws
+    return open_socket(node, "/setup/challenge", list(machine.headers().items()))
 
 
 async def ask_for_phrase(ws: WebSocketConnection, new: sshclient.Machine) -> str:

@@ -12,6 +12,8 @@ import base64
 import binascii
 import contextlib
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol, TypeVar
 
 import attrs
@@ -54,6 +56,7 @@ CLIENT_TIMED_OUT = "Pairing timed out waiting for this machine"
 BUS_UNAVAILABLE = "pairing service unavailable, try again"
 STORAGE_UNAVAILABLE = "Storage unavailable, try again"
 TOO_MANY_FOR_USER = "Too many pairings pending for this user, try again later"
+TOO_MANY_ON_NODE = "Too many pairings in progress, try again later"
 UNEXPECTED = "Unexpected message"
 
 # Tries at a fresh phrase when one is taken: with 7776**3 phrases, a second
@@ -180,7 +183,26 @@ class Side:
         return f"The {self.role} machine {what}"
 
 
-async def challenger(side: Side, store: Store, max_per_user: int) -> str:
+@attrs.define(eq=False)
+class PhraseQuota:
+    """The node's limit on open phrases (MAX_PENDING)."""
+
+    limit: int
+    held: int = 0
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        """Count one open phrase for the block; `PairingFailed` when full."""
+        if self.held >= self.limit:
+            raise PairingFailed("node full", TOO_MANY_ON_NODE, None)
+        self.held += 1
+        try:
+            yield
+        finally:
+            self.held -= 1
+
+
+async def challenger(side: Side, store: Store, quota: PhraseQuota) -> str:
     """Machine B's side, from its hello to its new master key.
 
     Returns the username, for the log; raises `PairingFailed` to end early.
@@ -194,6 +216,12 @@ async def challenger(side: Side, store: Store, max_per_user: int) -> str:
     if await _storage(store.call(queries.machine_exists, username, machine_name)):
         raise PairingFailed("machine exists", MACHINE_EXISTS, None)
 
+    with quota.hold():
+        return await _offer_phrase(side, store, user, machine_name)
+
+
+async def _offer_phrase(side: Side, store: Store, user: User, machine_name: str) -> str:
+    username = user.username
     phrase = await _register(side, username)
     log.info("pairing %s started for user %s", side.mailbox.address.mailbox, username)
     failure: PairingFailed | None = None
@@ -249,7 +277,8 @@ async def responder(side: Side, username: str) -> Address:
     Returns the challenger's address, for the log.
     """
     answer = await side.from_client()
-    phrase = normalise(_text(answer, "challenge", name_rules=False))
+    typed = answer.get("challenge")
+    phrase = normalise(typed) if isinstance(typed, str) else ""
     challenger_at = await _bus(side.bus.claim(phrase, username)) if phrase else None
     if challenger_at is None:
         raise PairingFailed("invalid phrase", INVALID_CHALLENGE, None)
@@ -340,11 +369,11 @@ async def _storage(call: Any) -> Any:
         ) from None
 
 
-def _text(data: dict[str, Any], field: str, *, name_rules: bool = True) -> str:
+def _text(data: dict[str, Any], field: str) -> str:
     value = data.get(field)
     if not isinstance(value, str) or not value:
         raise PairingFailed(f"missing {field}", f"Missing {field}", None)
-    if name_rules and name_problem(value):
+    if name_problem(value):
         raise PairingFailed(f"bad {field}", f"Invalid {field}", None)
     return value
 

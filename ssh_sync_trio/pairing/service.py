@@ -15,12 +15,10 @@ import attrs
 from ssh_sync_trio.bus import Bus
 from ssh_sync_trio.config import Settings
 from ssh_sync_trio.pairing import handshake
-from ssh_sync_trio.pairing.handshake import PairingFailed, Side, Timeouts
+from ssh_sync_trio.pairing.handshake import PairingFailed, PhraseQuota, Side, Timeouts
 from ssh_sync_trio.storage import Store
 
 log = logging.getLogger("ssh_sync_trio.pairing")
-
-TOO_MANY_ON_NODE = "Too many pairings in progress, try again later"
 
 
 @attrs.frozen
@@ -44,6 +42,10 @@ class Pairings:
     responders: int = 0
     completed: int = 0
     failed: int = 0
+    quota: PhraseQuota = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.quota = PhraseQuota(self.settings.max_pending)
 
     @property
     def timeouts(self) -> Timeouts:
@@ -56,19 +58,13 @@ class Pairings:
             self.challengers, self.responders, self.completed, self.failed
         )
 
-    def full(self) -> bool:
-        """Whether this node holds as many open phrases as it may."""
-        return self.challengers >= self.settings.max_pending
-
     async def run_challenger(self, mailbox_side: Side) -> str | None:
         """Run machine B's side; returns the error sent to the client, if any."""
         self.challengers += 1
         started = time.perf_counter()
         pairing = mailbox_side.mailbox.address.mailbox
         try:
-            username = await handshake.challenger(
-                mailbox_side, self.store, self.settings.max_pending_per_user
-            )
+            username = await handshake.challenger(mailbox_side, self.store, self.quota)
         except PairingFailed as failure:
             return await self._failed(mailbox_side, pairing, failure, started)
         finally:

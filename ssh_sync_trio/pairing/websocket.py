@@ -28,7 +28,7 @@ from ssh_sync_trio.pairing.handshake import (
     ClientMessage,
     Side,
 )
-from ssh_sync_trio.pairing.service import TOO_MANY_ON_NODE, Pairings
+from ssh_sync_trio.pairing.service import Pairings
 
 log = logging.getLogger("ssh_sync_trio.pairing")
 
@@ -66,12 +66,8 @@ class WebSocketLink:
 
 async def new_machine(socket: WebSocket) -> None:
     """`GET /api/v1/setup/existing`: machine B's side, no authentication."""
-    pairings = services(socket).pairings
     await socket.accept()
-    if pairings.full():
-        await _end(socket, TOO_MANY_ON_NODE, NEW_MACHINE_ZERO)
-        return
-    await _run(socket, pairings, "new", NEW_MACHINE_ZERO, None)
+    await _run(socket, services(socket).pairings, "new", NEW_MACHINE_ZERO, None)
 
 
 async def existing_machine(socket: WebSocket) -> None:
