@@ -118,20 +118,23 @@ def _migrate(settings: Settings) -> int:
 
 
 async def _serve_until_signal(settings: Settings) -> int:
-    from ssh_sync_trio.server import StartupError, serve
+    from ssh_sync_trio.errors import StartupError
+    from ssh_sync_trio.server import serve
 
     shutdown = trio.Event()
+    refused: list[BaseException] = []
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_wait_for_signal, signals, shutdown)
             try:
                 await serve(settings, shutdown=shutdown)
-            except StartupError as error:
-                log.critical("not starting: %s", error)
-                return 1
+            except* StartupError as errors:
+                refused.extend(errors.exceptions)
             finally:
                 nursery.cancel_scope.cancel()
-    return 0
+    for error in refused:
+        log.critical("not starting: %s", error)
+    return 1 if refused else 0
 
 
 async def _wait_for_signal(signals: AsyncIterator[int], shutdown: trio.Event) -> None:

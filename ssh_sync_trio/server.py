@@ -20,6 +20,7 @@ from sqlalchemy.exc import DBAPIError
 
 from ssh_sync_trio.bus import Bus, MemoryBus
 from ssh_sync_trio.config import Settings
+from ssh_sync_trio.errors import StartupError
 from ssh_sync_trio.http import hypercorn_fix
 from ssh_sync_trio.http.app import build_app
 from ssh_sync_trio.pairing.service import Pairings
@@ -121,7 +122,3 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
 def _local_url(bind: str) -> str:
     # Hypercorn reports what it bound; a wildcard address is reached on loopback.
     return bind.replace("0.0.0.0", "127.0.0.1").replace("[::]", "[::1]")
-
-
-class StartupError(Exception):
-    """The node cannot start: a dependency is unreachable or misconfigured."""

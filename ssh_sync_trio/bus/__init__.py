@@ -6,9 +6,12 @@ processes of a cluster.
 """
 
 from ssh_sync_trio.bus.base import (
+    PEER_NODE_GONE,
+    UNAVAILABLE,
     Bus,
     BusStatistics,
     BusUnavailable,
+    PeerUnreachable,
     PhraseTaken,
     TooManyPending,
 )
@@ -24,6 +27,8 @@ from ssh_sync_trio.bus.mailboxes import Mailbox, Mailboxes
 from ssh_sync_trio.bus.memory import MemoryBus
 
 __all__ = [
+    "PEER_NODE_GONE",
+    "UNAVAILABLE",
     "Aborted",
     "Accepted",
     "Address",
@@ -36,6 +41,7 @@ __all__ = [
     "Mailbox",
     "Mailboxes",
     "MemoryBus",
+    "PeerUnreachable",
     "PhraseTaken",
     "TooManyPending",
 ]

@@ -27,6 +27,15 @@ class BusUnavailable(BusError):
     """The bus cannot serve pairings right now (Redis is unreachable)."""
 
 
+class PeerUnreachable(BusError):
+    """No node listens where the event was sent: the peer's node is gone."""
+
+
+# What a pairing's user reads when the bus fails under it.
+UNAVAILABLE = "pairing service unavailable, try again"
+PEER_NODE_GONE = "The other machine's server went away, try again"
+
+
 @attrs.frozen
 class BusStatistics:
     """A snapshot of a bus's state and of what it dropped, for tests and ops."""
@@ -52,7 +61,8 @@ class Bus(Protocol):
     - `release(phrase)`: the challenger is done; the phrase and claim go.
       Returns whether the phrase had been claimed.
     - `send(to, event)`: deliver to a mailbox on any node; never waits for
-      the receiving side.
+      the receiving side; raises `PeerUnreachable` when no node listens
+      where `to` lives.
     - `open_mailbox()`: a bounded mailbox on this node, gone on exit.
     """
 

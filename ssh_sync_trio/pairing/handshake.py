@@ -21,6 +21,8 @@ import trio
 
 from ssh_sync_trio.auth.keys import InvalidKey, parse_public_key
 from ssh_sync_trio.bus import (
+    PEER_NODE_GONE,
+    UNAVAILABLE,
     Aborted,
     Accepted,
     Address,
@@ -29,9 +31,11 @@ from ssh_sync_trio.bus import (
     ChallengerKey,
     EncryptedMasterKey,
     Mailbox,
+    PeerUnreachable,
     PhraseTaken,
     TooManyPending,
 )
+from ssh_sync_trio.bus.base import BusError
 from ssh_sync_trio.model import NewMachine, User
 from ssh_sync_trio.names import name_problem
 from ssh_sync_trio.pairing.phrases import make_phrase, normalise
@@ -53,7 +57,6 @@ DONE = "Everything is done, you can now use ssh-sync"
 # Ours, for what the protocol leaves open.
 STEP_TIMED_OUT = "Pairing timed out waiting for the other machine"
 CLIENT_TIMED_OUT = "Pairing timed out waiting for this machine"
-BUS_UNAVAILABLE = "pairing service unavailable, try again"
 STORAGE_UNAVAILABLE = "Storage unavailable, try again"
 TOO_MANY_FOR_USER = "Too many pairings pending for this user, try again later"
 TOO_MANY_ON_NODE = "Too many pairings in progress, try again later"
@@ -316,7 +319,7 @@ async def _register(side: Side, username: str) -> str:
                 "too many pending for user", TOO_MANY_FOR_USER, None
             ) from None
         return phrase
-    raise PairingFailed("no free phrase", BUS_UNAVAILABLE, None)
+    raise PairingFailed("no free phrase", UNAVAILABLE, None)
 
 
 async def _release(bus: Bus, phrase: str) -> bool:
@@ -347,7 +350,7 @@ async def notify_peer(side: Side, reason: str) -> None:
         return
     with trio.move_on_after(CLEANUP_TIMEOUT) as scope:
         scope.shield = True
-        with contextlib.suppress(BusUnavailable):
+        with contextlib.suppress(BusError):
             await side.tell_peer(Aborted(reason))
 
 
@@ -355,9 +358,9 @@ async def _bus(call: Any) -> Any:
     try:
         return await call
     except BusUnavailable:
-        raise PairingFailed(
-            "bus unavailable", BUS_UNAVAILABLE, BUS_UNAVAILABLE
-        ) from None
+        raise PairingFailed("bus unavailable", UNAVAILABLE, UNAVAILABLE) from None
+    except PeerUnreachable:
+        raise PairingFailed("peer node gone", PEER_NODE_GONE, None) from None
 
 
 async def _storage(call: Any) -> Any:
