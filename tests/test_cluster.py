@@ -10,6 +10,7 @@ liveness keys of nodes still running, and that every node's bus is empty.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import signal
 import subprocess
@@ -387,3 +388,30 @@ async def _child_nursery(parent: trio.Nursery, scope: trio.CancelScope) -> trio.
 
     return await parent.start(host)
 
+
+
+async def test_nodes_starting_together_migrate_once(
+    nursery: trio.Nursery,
+    pg_url: str,
+    redis_url: str,
+    redis_server: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="ssh_sync_trio.storage")
+    with trio.fail_after(CEILING):
+        nodes: list[RunningServer] = []
+
+        async def start(i: int) -> None:
+            nodes.append(
+                await harness.start_node(
+                    nursery, pg_url, redis_url=redis_url, node_id=f"together-{i}"
+                )
+            )
+
+        async with trio.open_nursery() as starting:
+            for i in range(4):
+                starting.start_soon(start, i)
+        upgrades = [r for r in caplog.records if "upgraded from" in r.getMessage()]
+        current = [r for r in caplog.records if "schema is current" in r.getMessage()]
+        assert (len(upgrades), len(current)) == (1, 3)
+        await assert_clean(redis_server, *nodes)
