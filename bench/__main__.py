@@ -94,13 +94,10 @@ async def round_robin(ports: list[int]) -> AsyncIterator[Remote]:
             pass
 
     async def handle(client: trio.SocketStream) -> None:
-        async with (
-            client,
-            await trio.open_tcp_stream("127.0.0.1", next(upstream)) as server,
-        ):
-            async with trio.open_nursery() as both:
-                both.start_soon(relay, client, server)
-                both.start_soon(relay, server, client)
+        server = await trio.open_tcp_stream("127.0.0.1", next(upstream))
+        async with client, server, trio.open_nursery() as both:
+            both.start_soon(relay, client, server)
+            both.start_soon(relay, server, client)
 
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(
