@@ -7,6 +7,7 @@ with one clear line instead of failing later.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from collections.abc import Callable, Mapping
@@ -131,6 +132,9 @@ class _Reader:
             value = kind(raw)
         except ValueError:
             raise ConfigError(name, f"not a number: {raw!r}") from None
+        # NaN passes every range check, and an infinite timeout is none.
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(name, f"not a finite number: {raw!r}")
         if (low is not None and value < low) or (high is not None and value > high):  # type: ignore[operator]
             raise ConfigError(name, f"out of range [{low}, {high}]: {raw}")
         return value

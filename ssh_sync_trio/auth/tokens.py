@@ -11,8 +11,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import time
-from typing import Any
+from typing import Any, TypeGuard
 
 import attrs
 from cryptography.exceptions import InvalidSignature
@@ -57,13 +58,14 @@ def parse_bearer(header: str | None, *, now: float | None = None) -> Token:
     head = _json_part(parts[0])
     claims = _json_part(parts[1])
     alg = head.get("alg")
-    if alg not in EC_DIGESTS and alg not in ML_DSA_ALGORITHMS:
+    # Not a string (a list, say) is as unknown as any other name.
+    if not isinstance(alg, str) or (
+        alg not in EC_DIGESTS and alg not in ML_DSA_ALGORITHMS
+    ):
         raise Unauthorized()
     _check_expiry(claims.get("exp"), time.time() if now is None else now)
     username, machine = claims.get("username"), claims.get("machine")
-    if not isinstance(username, str) or not isinstance(machine, str):
-        raise Unauthorized()
-    if not username or not machine:
+    if not _storable_name(username) or not _storable_name(machine):
         raise Unauthorized()
     return Token(
         alg=alg,
@@ -107,8 +109,26 @@ def _verify(token: Token, stored: MachineKey) -> None:
     stored.key.verify(token.signature, token.signing_input)
 
 
+def _storable_name(value: Any) -> TypeGuard[str]:
+    """Whether `value` can name a stored user or machine at all.
+
+    JSON can carry NUL and lone surrogates, which no database column holds:
+    looking them up would fail in the database, not as a missing machine.
+    """
+    if not isinstance(value, str) or not value or "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_expiry(exp: Any, now: float) -> None:
     if isinstance(exp, bool) or not isinstance(exp, int | float):
+        raise Unauthorized()
+    # NaN compares false with everything, so it would never expire.
+    if isinstance(exp, float) and not math.isfinite(exp):
         raise Unauthorized()
     if exp + LEEWAY < now:
         raise Unauthorized()
@@ -124,7 +144,8 @@ def _b64url(part: str) -> bytes:
 def _json_part(part: str) -> dict[str, Any]:
     try:
         value = json.loads(_b64url(part))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
+        # RecursionError: nesting deeper than the parser's stack allows.
         raise Unauthorized() from None
     if not isinstance(value, dict):
         raise Unauthorized()

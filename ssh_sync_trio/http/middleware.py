@@ -11,11 +11,17 @@ import time
 from typing import Any
 
 import attrs
+import trio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ssh_sync_trio.http.errors import BodyTooLarge, error_response
 
 access_log = logging.getLogger("ssh_sync_trio.access")
+
+
+# How long a request answered early may go on sending a body that the
+# server will not use; see `LimitBody`.
+DRAIN_SECONDS = 5.0
 
 
 @attrs.define(eq=False)
@@ -25,6 +31,21 @@ class LimitBody:
     A declared Content-Length over the limit is refused before a byte is
     read; a chunked body is counted as it streams, and the request fails
     with 413 the moment it passes the limit.
+
+    A request answered before its body was read to the end (a 413, or a
+    401 before an upload) has the rest of its body read and discarded
+    before the response's last message goes out, for at most
+    DRAIN_SECONDS. Hypercorn ends the request when the response is
+    complete, and does so by queueing a disconnect for the application
+    behind the body chunks it holds: with the queue full, the response
+    never completes and the connection hangs; with unread data on it, the
+    socket is reset and a client still sending (httpx, curl) loses the
+    response.
+
+    Known shortcoming: a client that is still sending after DRAIN_SECONDS
+    can still fill that queue and leave its connection hung until the
+    server stops; only hypercorn can fix that, by not blocking on the
+    queue when it ends a request.
     """
 
     app: ASGIApp
@@ -34,23 +55,50 @@ class LimitBody:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        body = _RequestBody(receive)
+
+        async def send_when_read(message: Message) -> None:
+            if message["type"] == "http.response.body" and not message.get(
+                "more_body", False
+            ):
+                await body.drain()
+            await send(message)
+
         declared = _content_length(scope)
         if declared is not None and declared > self.limit:
-            await error_response(413, str(BodyTooLarge(self.limit)))(
-                scope, receive, send
-            )
+            refusal = error_response(413, str(BodyTooLarge(self.limit)))
+            await refusal(scope, body.receive, send_when_read)
             return
-        seen = 0
 
         async def counted() -> Message:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
+            message = await body.receive()
+            if body.seen > self.limit:
                 raise BodyTooLarge(self.limit)
             return message
 
-        await self.app(scope, counted, send)
+        await self.app(scope, counted, send_when_read)
+
+
+@attrs.define(eq=False)
+class _RequestBody:
+    """One request's body as received: bytes so far, and whether all came."""
+
+    raw_receive: Receive
+    seen: int = 0
+    finished: bool = False
+
+    async def receive(self) -> Message:
+        message = await self.raw_receive()
+        self.seen += len(message.get("body", b""))
+        if message["type"] == "http.disconnect" or not message.get("more_body", False):
+            self.finished = True
+        return message
+
+    async def drain(self) -> None:
+        """Discard the rest of the body, for at most DRAIN_SECONDS."""
+        with trio.move_on_after(DRAIN_SECONDS):
+            while not self.finished:
+                await self.receive()
 
 
 @attrs.define(eq=False)

@@ -38,6 +38,9 @@ async def root(_request: Request) -> Response:
 
 async def get_user(request: Request) -> Response:
     username = request.path_params["username"]
+    if "\x00" in username:
+        # No user is called that, and PostgreSQL cannot even compare it.
+        raise ApiError(404, "user not found")
     user = await services(request).store.call(queries.find_user, username)
     if user is None:
         raise ApiError(404, "user not found")

@@ -96,7 +96,8 @@ def machine_keys_json(machine: Machine) -> dict[str, Any]:
 def parse_json(raw: bytes | str, what: str) -> Any:
     try:
         return json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
+        # RecursionError: nesting deeper than the parser's stack allows.
         raise BadRequest(f"{what} is not valid JSON") from None
 
 
@@ -120,9 +121,21 @@ def need_str(value: Any, what: str, *, empty_ok: bool = True) -> str:
     if "\x00" in value:
         # PostgreSQL text cannot hold NUL; no ssh file has a use for one.
         raise BadRequest(f"{what} holds a NUL character")
+    if not _is_utf8(value):
+        raise BadRequest(f"{what} holds an unpaired surrogate")
     if not empty_ok and not value:
         raise BadRequest(f"{what} must not be empty")
     return value
+
+
+def _is_utf8(text: str) -> bool:
+    # JSON's "\ud800" escape gives a lone surrogate, which no database
+    # driver can encode.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def need_b64(value: Any, what: str) -> bytes:

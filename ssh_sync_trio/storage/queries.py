@@ -183,13 +183,20 @@ def user_data(conn: Connection, user: User) -> UserData:
 
 
 def store_upload(conn: Connection, machine: Machine, upload: Upload) -> list[SshKey]:
-    """Upsert all of `upload`; `RotationPending` if the machine must download first."""
+    """Upsert all of `upload`; `RotationPending` if the machine must download first.
+
+    Rows are written in the order of their unique keys, whatever the order
+    of the upload: two uploads of one user that lock the same rows in
+    opposite orders deadlock on PostgreSQL, and one of them fails. The sort
+    is stable, so of two entries for one host the last still wins.
+    """
     if _pending_rotation(conn, machine.id) is not None:
         raise RotationPending()
-    for entry in upload.ssh_config:
+    for entry in sorted(upload.ssh_config, key=lambda c: c.host):
         upsert_config(conn, machine.user_id, entry)
-    _upsert_known_hosts(conn, machine.user_id, upload.known_hosts)
-    return _upsert_keys(conn, machine.user_id, upload.keys)
+    hosts = sorted(upload.known_hosts, key=lambda h: (h.host_pattern, h.key_type))
+    _upsert_known_hosts(conn, machine.user_id, hosts)
+    return _upsert_keys(conn, machine.user_id, dict(sorted(upload.keys.items())))
 
 
 def upsert_config(conn: Connection, user_id: uuid.UUID, entry: SshConfig) -> SshConfig:
@@ -245,7 +252,8 @@ def store_rotation(
     if owned != wanted:
         raise NotYours()
     now = utcnow()
-    for machine_id, key in dict(keys).items():
+    # In id order, so that two rotations at once cannot deadlock.
+    for machine_id, key in sorted(dict(keys).items()):
         conn.execute(
             _insert(conn, master_key_rotations)
             .values(
