@@ -458,3 +458,26 @@ async def test_many_pairings_at_once(nursery: trio.Nursery, sqlite_url: str) -> 
 
 async def _no_machine(node: RunningServer, username: str, name: str) -> None:
     assert not await node.services.store.call(queries.machine_exists, username, name)
+
+
+async def test_a_bug_still_ends_both_sides(
+    one_node: RunningServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An unexpected error in one side is logged and both clients hear."""
+
+    def broken(*_args: object) -> None:
+        raise RuntimeError("injected bug")
+
+    monkeypatch.setattr(queries, "machine_exists", broken)
+    with trio.fail_after(CEILING):
+        await account(one_node, sshclient.Machine.classic("ada", "laptop"))
+        async with new_machine_socket(one_node) as b:
+            await send(b, {"username": "ada", "machine_name": "desktop"})
+            reply = await receive(b)
+            assert (reply.error, reply.error_message) == (
+                True,
+                "Internal server error, try again",
+            )
+    assert any("failed unexpectedly" in r.getMessage() for r in caplog.records)

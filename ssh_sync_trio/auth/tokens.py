@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from ssh_sync_trio.auth.keys import InvalidKey, MachineKey, parse_public_key
+from ssh_sync_trio.names import storable
 
 EC_DIGESTS: dict[str, type[hashes.HashAlgorithm]] = {
     "ES256": hashes.SHA256,
@@ -110,18 +111,9 @@ def _verify(token: Token, stored: MachineKey) -> None:
 
 
 def _storable_name(value: Any) -> TypeGuard[str]:
-    """Whether `value` can name a stored user or machine at all.
-
-    JSON can carry NUL and lone surrogates, which no database column holds:
-    looking them up would fail in the database, not as a missing machine.
-    """
-    if not isinstance(value, str) or not value or "\x00" in value:
-        return False
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    """Whether `value` can name a stored user or machine at all: looking up
+    one that cannot would fail in the database, not as a missing machine."""
+    return isinstance(value, str) and bool(value) and storable(value)
 
 
 def _check_expiry(exp: Any, now: float) -> None:

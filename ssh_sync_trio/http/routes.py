@@ -18,6 +18,7 @@ from ssh_sync_trio.http import wire
 from ssh_sync_trio.http.auth import authenticate, services
 from ssh_sync_trio.http.errors import ApiError, BadRequest
 from ssh_sync_trio.model import NewMachine, Upload
+from ssh_sync_trio.names import storable
 from ssh_sync_trio.storage import queries
 
 # Enough parts for a large ~/.ssh; each part may be as big as the body.
@@ -38,8 +39,8 @@ async def root(_request: Request) -> Response:
 
 async def get_user(request: Request) -> Response:
     username = request.path_params["username"]
-    if "\x00" in username:
-        # No user is called that, and PostgreSQL cannot even compare it.
+    if not storable(username):
+        # No user is called that, and the database cannot even compare it.
         raise ApiError(404, "user not found")
     user = await services(request).store.call(queries.find_user, username)
     if user is None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from ssh_sync_trio.http.errors import BadRequest
 from ssh_sync_trio.model import KnownHost, Machine, SshConfig, SshKey, UserData
-from ssh_sync_trio.names import MAX_NAME, has_control, name_problem
+from ssh_sync_trio.names import MAX_NAME, has_control, name_problem, storable
 
 # Out
 
@@ -118,24 +118,12 @@ def need_list(value: Any, what: str, *, null_ok: bool = False) -> list[Any]:
 def need_str(value: Any, what: str, *, empty_ok: bool = True) -> str:
     if not isinstance(value, str):
         raise BadRequest(f"{what} must be a string")
-    if "\x00" in value:
-        # PostgreSQL text cannot hold NUL; no ssh file has a use for one.
-        raise BadRequest(f"{what} holds a NUL character")
-    if not _is_utf8(value):
-        raise BadRequest(f"{what} holds an unpaired surrogate")
+    if not storable(value):
+        # NUL or a lone surrogate: no ssh file has a use for either.
+        raise BadRequest(f"{what} holds a NUL character or a lone surrogate")
     if not empty_ok and not value:
         raise BadRequest(f"{what} must not be empty")
     return value
-
-
-def _is_utf8(text: str) -> bool:
-    # JSON's "\ud800" escape gives a lone surrogate, which no database
-    # driver can encode.
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def need_b64(value: Any, what: str) -> bytes:

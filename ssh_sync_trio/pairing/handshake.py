@@ -25,7 +25,6 @@ from ssh_sync_trio.bus import (
     UNAVAILABLE,
     Aborted,
     Accepted,
-    Address,
     Bus,
     BusUnavailable,
     ChallengerKey,
@@ -58,6 +57,7 @@ DONE = "Everything is done, you can now use ssh-sync"
 STEP_TIMED_OUT = "Pairing timed out waiting for the other machine"
 CLIENT_TIMED_OUT = "Pairing timed out waiting for this machine"
 STORAGE_UNAVAILABLE = "Storage unavailable, try again"
+INTERNAL_ERROR = "Internal server error, try again"
 TOO_MANY_FOR_USER = "Too many pairings pending for this user, try again later"
 TOO_MANY_ON_NODE = "Too many pairings in progress, try again later"
 UNEXPECTED = "Unexpected message"
@@ -182,6 +182,13 @@ class Side:
             return item
         raise PairingFailed("timed out", timeout_message, self._peer_says("timed out"))
 
+    @property
+    def pairing_id(self) -> str:
+        """The id that names this pairing in logs: the challenger's mailbox."""
+        if self.role == "new":
+            return self.mailbox.address.mailbox
+        return self.mailbox.peer.mailbox if self.mailbox.peer else "-"
+
     def _peer_says(self, what: str) -> str:
         return f"The {self.role} machine {what}"
 
@@ -208,7 +215,7 @@ class PhraseQuota:
 async def challenger(side: Side, store: Store, quota: PhraseQuota) -> str:
     """Machine B's side, from its hello to its new master key.
 
-    Returns the username, for the log; raises `PairingFailed` to end early.
+    Returns its outcome, for the log; raises `PairingFailed` to end early.
     """
     hello = await side.from_client()
     username = _text(hello, "username")
@@ -226,7 +233,7 @@ async def challenger(side: Side, store: Store, quota: PhraseQuota) -> str:
 async def _offer_phrase(side: Side, store: Store, user: User, machine_name: str) -> str:
     username = user.username
     phrase = await _register(side, username)
-    log.info("pairing %s started for user %s", side.mailbox.address.mailbox, username)
+    log.info("pairing %s started for user %s", side.pairing_id, username)
     failure: PairingFailed | None = None
     try:
         await side.send({"message": phrase})
@@ -245,7 +252,7 @@ async def _offer_phrase(side: Side, store: Store, user: User, machine_name: str)
                 and side.mailbox.peer is None
             ):
                 await _await_late_accept(side)
-    return username
+    return f"completed: machine {machine_name!r} added for user {username}"
 
 
 async def _challenger_steps(
@@ -274,10 +281,10 @@ async def _challenger_steps(
     await side.send({"message": DONE})
 
 
-async def responder(side: Side, username: str) -> Address:
+async def responder(side: Side, username: str) -> str:
     """Machine A's side: answer the phrase, seal the master key for B.
 
-    Returns the challenger's address, for the log.
+    Returns its outcome, for the log.
     """
     answer = await side.from_client()
     typed = answer.get("challenge")
@@ -297,7 +304,7 @@ async def responder(side: Side, username: str) -> Address:
     sealed = await side.from_client()
     key = _required_bytes(sealed.get("encrypted_master_key"), "encrypted_master_key")
     await _bus(side.tell_peer(EncryptedMasterKey(key)))
-    return challenger_at
+    return f"sent the master key for user {username}"
 
 
 async def _register(side: Side, username: str) -> str:

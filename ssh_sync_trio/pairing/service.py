@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable
 
 import attrs
 
 from ssh_sync_trio.bus import Bus
 from ssh_sync_trio.config import Settings
 from ssh_sync_trio.pairing import handshake
-from ssh_sync_trio.pairing.handshake import PairingFailed, PhraseQuota, Side, Timeouts
+from ssh_sync_trio.pairing.handshake import (
+    INTERNAL_ERROR,
+    PairingFailed,
+    PhraseQuota,
+    Side,
+    Timeouts,
+)
 from ssh_sync_trio.storage import Store
 
 log = logging.getLogger("ssh_sync_trio.pairing")
@@ -58,59 +65,57 @@ class Pairings:
             self.challengers, self.responders, self.completed, self.failed
         )
 
-    async def run_challenger(self, mailbox_side: Side) -> str | None:
+    async def run_challenger(self, side: Side) -> str | None:
         """Run machine B's side; returns the error sent to the client, if any."""
         self.challengers += 1
-        started = time.perf_counter()
-        pairing = mailbox_side.mailbox.address.mailbox
         try:
-            username = await handshake.challenger(mailbox_side, self.store, self.quota)
-        except PairingFailed as failure:
-            return await self._failed(mailbox_side, pairing, failure, started)
+            return await self._run(
+                side, handshake.challenger(side, self.store, self.quota)
+            )
         finally:
             self.challengers -= 1
-        self._ended(pairing, f"completed for user {username}", started)
-        return None
 
     async def run_responder(self, side: Side, username: str) -> str | None:
         """Run machine A's side for `username`; returns the client's error."""
         self.responders += 1
-        started = time.perf_counter()
         try:
-            challenger = await handshake.responder(side, username)
-        except PairingFailed as failure:
-            pairing = side.mailbox.peer.mailbox if side.mailbox.peer else "-"
-            return await self._failed(side, pairing, failure, started, role="responder")
+            return await self._run(side, handshake.responder(side, username))
         finally:
             self.responders -= 1
-        log.info(
-            "pairing %s responder for user %s sent the master key (%.0f ms)",
-            challenger.mailbox,
-            username,
-            (time.perf_counter() - started) * 1000,
-        )
+
+    async def _run(self, side: Side, steps: Awaitable[str]) -> str | None:
+        started = time.perf_counter()
+        try:
+            outcome = await steps
+        except PairingFailed as failure:
+            return await self._failed(side, failure, started)
+        except Exception:
+            # A bug, not a refusal: keep the traceback, and still end both
+            # sides cleanly rather than leave the peer to its deadline.
+            log.exception(
+                "pairing %s (%s side) failed unexpectedly", side.pairing_id, side.role
+            )
+            crash = PairingFailed("internal error", INTERNAL_ERROR, INTERNAL_ERROR)
+            return await self._failed(side, crash, started)
+        if side.role == "new":
+            self.completed += 1
+        self._ended(side, outcome, started)
         return None
 
     async def _failed(
-        self,
-        side: Side,
-        pairing: str,
-        failure: PairingFailed,
-        started: float,
-        role: str = "new",
+        self, side: Side, failure: PairingFailed, started: float
     ) -> str | None:
         self.failed += 1
         if failure.peer_reason is not None:
             await handshake.notify_peer(side, failure.peer_reason)
-        self._ended(pairing, f"failed ({role} side): {failure.outcome}", started)
+        self._ended(side, f"failed: {failure.outcome}", started)
         return failure.message
 
-    def _ended(self, pairing: str, outcome: str, started: float) -> None:
-        if outcome.startswith("completed"):
-            self.completed += 1
+    def _ended(self, side: Side, outcome: str, started: float) -> None:
         log.info(
-            "pairing %s %s after %.0f ms",
-            pairing,
+            "pairing %s (%s side) %s after %.0f ms",
+            side.pairing_id,
+            side.role,
             outcome,
             (time.perf_counter() - started) * 1000,
         )

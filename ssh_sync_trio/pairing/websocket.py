@@ -137,7 +137,8 @@ def _parse(message: Mapping[str, Any]) -> ClientMessage:
         return ClientMessage(None, TOO_LARGE)
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
+        # RecursionError: nesting deeper than the parser's stack allows.
         return ClientMessage(None, "Message is not valid JSON")
     data = body.get("data") if isinstance(body, dict) else None
     if not isinstance(data, dict):
