@@ -7,8 +7,13 @@ node stops when the test's nursery is cancelled at the test's end.
 
 from __future__ import annotations
 
+import functools
+import inspect
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import httpx
@@ -17,6 +22,10 @@ import trio
 from ssh_sync_trio.config import Settings
 from ssh_sync_trio.server import RunningServer, serve
 from tests import sshclient
+
+# Seconds any one test may take, unless it says otherwise.
+CEILING = 30
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def settings(database_url: str, **overrides: Any) -> Settings:
@@ -56,3 +65,38 @@ async def register(http: httpx.AsyncClient, machine: sshclient.Machine) -> None:
     """Create the account and first machine of `machine`, as `ssh-sync setup`."""
     response = await http.post("/setup", **sshclient.setup_form(machine))
     assert response.status_code == 200, response.text
+
+
+def ceiling(test: F) -> F:
+    """Fail `test`, async or not, when it runs longer than CEILING seconds."""
+    if inspect.iscoroutinefunction(test):
+
+        @functools.wraps(test)
+        async def bounded(*args: Any, **kwargs: Any) -> None:
+            with trio.fail_after(CEILING):
+                await test(*args, **kwargs)
+
+        return bounded  # type: ignore[return-value]
+
+    @functools.wraps(test)
+    def timed(*args: Any, **kwargs: Any) -> None:
+        with _alarm(CEILING):
+            test(*args, **kwargs)
+
+    return timed  # type: ignore[return-value]
+
+
+@contextmanager
+def _alarm(seconds: float) -> Iterator[None]:
+    """SIGALRM after `seconds`: a ceiling for a test outside trio."""
+
+    def expired(_signum: int, _frame: Any) -> None:
+        raise TimeoutError(f"test took more than {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import functools
 import hashlib
 import hmac
 import json
@@ -29,8 +28,8 @@ import os
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
 
 import attrs
 import httpx
@@ -43,10 +42,10 @@ from ssh_sync_trio.model import NewMachine
 from ssh_sync_trio.server import RunningServer
 from ssh_sync_trio.storage import queries
 from tests import harness, pairing, sshclient
+from tests.harness import ceiling
 from tests.sshclient import REMOVE, Machine, Part, b64url, b64url_decode
 
 # Seconds any one test may take, start of its node excluded.
-CEILING = 30
 
 UNAUTHORIZED = {"message": "unauthorized"}
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)$")
@@ -54,23 +53,6 @@ LOWER_UUID = re.compile(
     r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 )
 ZERO_UUID = "00000000-0000-0000-0000-000000000000"
-
-F = TypeVar("F", bound=Callable[..., Awaitable[None]])
-
-
-def ceiling(test: F) -> F:
-    """Run the async `test` under `trio.fail_after(CEILING)`."""
-
-    @functools.wraps(test)
-    async def bounded(*args: Any, **kwargs: Any) -> None:
-        with trio.fail_after(CEILING):
-            await test(*args, **kwargs)
-
-    return bounded  # type: ignore[return-value]
-
-
-# --------------------------------------------------------------------------
-# Helpers
 
 
 @pytest.fixture

@@ -16,8 +16,6 @@ Rules:
 from __future__ import annotations
 
 import base64
-import functools
-import inspect
 import os
 import re
 import secrets
@@ -25,11 +23,10 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
@@ -38,49 +35,14 @@ import trio
 
 from ssh_sync_trio.config import DEFAULT_SQLITE_FILE, ConfigError, Settings
 from tests import sshclient
+from tests.harness import ceiling
 from tests.servers import free_port
-
-CEILING = 30
-F = TypeVar("F", bound=Callable[..., Any])
 
 SSH_SYNC_TRIO = Path(sys.executable).with_name("ssh-sync-trio")
 # Seconds a served node gets to answer after its process starts.
 START_TIMEOUT = 15
 # Seconds it gets to exit after SIGTERM.
 STOP_TIMEOUT = 5
-
-
-@contextmanager
-def _alarm(seconds: float) -> Iterator[None]:
-    def expired(_signum: int, _frame: Any) -> None:
-        raise TimeoutError(f"test took more than {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-def ceiling(test: F) -> F:
-    """Run `test` under a deadline of CEILING seconds, async or not."""
-    if inspect.iscoroutinefunction(test):
-
-        @functools.wraps(test)
-        async def bounded(*args: Any, **kwargs: Any) -> None:
-            with trio.fail_after(CEILING):
-                await test(*args, **kwargs)
-
-        return bounded  # type: ignore[return-value]
-
-    @functools.wraps(test)
-    def timed(*args: Any, **kwargs: Any) -> None:
-        with _alarm(CEILING):
-            test(*args, **kwargs)
-
-    return timed  # type: ignore[return-value]
 
 
 class Recording(dict[str, str]):

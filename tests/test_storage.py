@@ -18,10 +18,9 @@ Rules:
 from __future__ import annotations
 
 import base64
-import functools
 import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,11 +33,10 @@ from alembic.runtime.migration import MigrationContext
 from ssh_sync_trio.storage import migrate, queries, tables
 from ssh_sync_trio.storage.store import make_engine
 from tests import harness, sshclient
+from tests.harness import ceiling
 from tests.sshclient import Machine
 
-CEILING = 30
 R = TypeVar("R")
-F = TypeVar("F", bound=Callable[..., Awaitable[None]])
 
 SSH_SYNC_TRIO = Path(sys.executable).with_name("ssh-sync-trio")
 TABLES = (
@@ -49,17 +47,6 @@ TABLES = (
     "known_hosts",
     "master_key_rotations",
 )
-
-
-def ceiling(test: F) -> F:
-    """Run the async `test` under `trio.fail_after(CEILING)`."""
-
-    @functools.wraps(test)
-    async def bounded(*args: Any, **kwargs: Any) -> None:
-        with trio.fail_after(CEILING):
-            await test(*args, **kwargs)
-
-    return bounded  # type: ignore[return-value]
 
 
 async def in_thread(work: Callable[..., R], *args: Any) -> R:
