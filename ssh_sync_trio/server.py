@@ -35,6 +35,8 @@ hypercorn_fix.install()
 # Hypercorn drops a connection whose WebSocket message passes this; below
 # it, the pairing code refuses messages over 1 MiB with an error message.
 WEBSOCKET_HARD_LIMIT = 4 * 1024 * 1024
+# Seconds of silence a connection gets beyond the longest pairing wait.
+READ_MARGIN = 30.0
 
 
 @attrs.frozen
@@ -115,6 +117,12 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = settings.shutdown_grace
     config.websocket_max_message_size = WEBSOCKET_HARD_LIMIT
+    # A connection that sends nothing for this long is closed, so that a
+    # half-sent request cannot hold a connection forever. A pairing socket
+    # is legitimately silent for up to the longer of its waits.
+    config.read_timeout = (
+        max(settings.challenge_timeout, settings.pairing_step_timeout) + READ_MARGIN
+    )
     config.include_server_header = False
     return config
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from ssh_sync_trio.auth.tokens import Unauthorized
@@ -95,6 +95,13 @@ async def on_http_exception(_request: Request, error: Exception) -> Response:
     return error_response(error.status_code, str(error.detail))
 
 
+async def on_client_disconnect(request: Request, _error: Exception) -> Response:
+    # The client went away (or stalled past the read timeout) mid-body:
+    # nothing was stored and nobody is left to read the answer.
+    log.info("client left during %s %s", request.method, request.url.path)
+    return error_response(400, "request body incomplete")
+
+
 async def on_unexpected(request: Request, error: Exception) -> Response:
     log.exception(
         "unhandled error on %s %s", request.method, request.url.path, exc_info=error
@@ -103,6 +110,7 @@ async def on_unexpected(request: Request, error: Exception) -> Response:
 
 
 HANDLERS = {
+    ClientDisconnect: on_client_disconnect,
     ApiError: on_api_error,
     StorageError: on_storage_error,
     Unauthorized: on_unauthorized,
