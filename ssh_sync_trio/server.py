@@ -8,6 +8,7 @@ through `task_status` only once it listens, handing back a `RunningServer`.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -120,9 +121,8 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
     # A connection that sends nothing for this long is closed, so that a
     # half-sent request cannot hold a connection forever. A pairing socket
     # is legitimately silent for up to the longer of its waits.
-    config.read_timeout = (
-        max(settings.challenge_timeout, settings.pairing_step_timeout) + READ_MARGIN
-    )
+    longest = max(settings.challenge_timeout, settings.pairing_step_timeout)
+    config.read_timeout = math.ceil(longest + READ_MARGIN)
     config.include_server_header = False
     return config
 
