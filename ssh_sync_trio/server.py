@@ -20,6 +20,7 @@ from hypercorn.config import Config as HypercornConfig
 from sqlalchemy.exc import DBAPIError
 
 from ssh_sync_trio.bus import Bus, MemoryBus
+from ssh_sync_trio.bus.base import SHUTTING_DOWN
 from ssh_sync_trio.config import Settings
 from ssh_sync_trio.errors import StartupError
 from ssh_sync_trio.http import hypercorn_fix
@@ -36,6 +37,9 @@ hypercorn_fix.install()
 # Hypercorn drops a connection whose WebSocket message passes this; below
 # it, the pairing code refuses messages over 1 MiB with an error message.
 WEBSOCKET_HARD_LIMIT = 4 * 1024 * 1024
+# How long before the end of SHUTDOWN_GRACE the pairings still running are
+# ended, so that their error frames go out before hypercorn cancels them.
+GRACE_MARGIN = 0.5
 # Seconds of silence a connection gets beyond the longest pairing wait.
 READ_MARGIN = 30.0
 
@@ -72,6 +76,9 @@ async def serve(
             services = Services(settings, store, Pairings(settings, store, bus))
             async with trio.open_nursery() as nursery:
                 binds = await _start_http(nursery, services, settings, shutdown)
+                nursery.start_soon(
+                    _end_pairings_at_grace_end, shutdown, bus, settings.shutdown_grace
+                )
                 log.info("listening on %s", ", ".join(binds))
                 log.info("node id: %s", settings.node_id)
                 task_status.started(RunningServer(_local_url(binds[0]), services))
@@ -94,6 +101,23 @@ async def _start_http(
         raise StartupError(
             f"cannot listen on {settings.host}:{settings.port}: {error}"
         ) from None
+
+
+async def _end_pairings_at_grace_end(
+    shutdown: trio.Event, bus: Bus, grace: float
+) -> None:
+    """End the pairings still running just before the grace period does.
+
+    Pairings under way may finish during the grace period; those still
+    running near its end (a phrase nobody typed yet, say) are ended with a
+    message to both machines, instead of having their sockets dropped when
+    hypercorn cancels what is left.
+    """
+    await shutdown.wait()
+    await trio.sleep(max(0.0, grace - min(GRACE_MARGIN, grace / 2)))
+    ended = bus.abort_local(SHUTTING_DOWN)
+    if ended:
+        log.info("stopping: ended %d pairings in progress", ended)
 
 
 @asynccontextmanager

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
 
 import attrs
 
 from ssh_sync_trio.bus.events import Address, Event
-from ssh_sync_trio.bus.mailboxes import Mailbox
+from ssh_sync_trio.bus.mailboxes import Mailbox, Mailboxes
 
 
 class BusError(Exception):
@@ -33,6 +34,7 @@ class PeerUnreachable(BusError):
 
 # What a pairing's user reads when the bus fails under it.
 UNAVAILABLE = "pairing service unavailable, try again"
+SHUTTING_DOWN = "The server is restarting, try again"
 PEER_NODE_GONE = "The other machine's server went away, try again"
 
 
@@ -47,6 +49,28 @@ class BusStatistics:
     malformed: int = 0
     unknown: int = 0
     healthy: bool = True
+
+
+@attrs.define(eq=False)
+class NodeBus:
+    """What every bus shares: the node's id, limits and local mailboxes."""
+
+    node_id: str
+    max_pending_per_user: int
+    mailboxes: Mailboxes = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.mailboxes = Mailboxes(self.node_id)
+
+    @asynccontextmanager
+    async def open_mailbox(self) -> AsyncIterator[Mailbox]:
+        """A bounded mailbox on this node, gone when the block ends."""
+        with self.mailboxes.open() as mailbox:
+            yield mailbox
+
+    def abort_local(self, reason: str) -> int:
+        """End every pairing side waiting on this node, telling it why."""
+        return self.mailboxes.abort_all(reason)
 
 
 class Bus(Protocol):
@@ -64,6 +88,7 @@ class Bus(Protocol):
       the receiving side; raises `PeerUnreachable` when no node listens
       where `to` lives.
     - `open_mailbox()`: a bounded mailbox on this node, gone on exit.
+    - `abort_local(reason)`: end every side waiting on this node.
     """
 
     node_id: str
@@ -79,5 +104,7 @@ class Bus(Protocol):
     async def release(self, phrase: str) -> bool: ...
 
     async def send(self, to: Address, event: Event) -> None: ...
+
+    def abort_local(self, reason: str) -> int: ...
 
     def statistics(self) -> BusStatistics: ...

@@ -86,8 +86,9 @@ def decode(raw: bytes) -> tuple[str, Event]:
         return to, _event(kind, body)
     except MalformedEvent:
         raise
-    except (ValueError, KeyError, TypeError) as error:
-        raise MalformedEvent(str(error)) from None
+    except (ValueError, KeyError, TypeError, RecursionError) as error:
+        # RecursionError: nesting deeper than the JSON parser's stack.
+        raise MalformedEvent(type(error).__name__) from None
 
 
 def _event(kind: Any, body: dict[str, Any]) -> Event:

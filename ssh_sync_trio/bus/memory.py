@@ -6,15 +6,11 @@ check-and-set inside one trio task step, so it is atomic without a lock.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
 import attrs
 import trio
 
-from ssh_sync_trio.bus.base import BusStatistics, PhraseTaken, TooManyPending
+from ssh_sync_trio.bus.base import BusStatistics, NodeBus, PhraseTaken, TooManyPending
 from ssh_sync_trio.bus.events import Address, Event
-from ssh_sync_trio.bus.mailboxes import Mailbox, Mailboxes
 
 
 @attrs.define(eq=False)
@@ -26,21 +22,10 @@ class _Phrase:
 
 
 @attrs.define(eq=False)
-class MemoryBus:
+class MemoryBus(NodeBus):
     """The single-node bus; see `Bus` for what each operation promises."""
 
-    node_id: str
-    max_pending_per_user: int
-    mailboxes: Mailboxes = attrs.field(init=False)
     _phrases: dict[str, _Phrase] = attrs.field(init=False, factory=dict)
-
-    def __attrs_post_init__(self) -> None:
-        self.mailboxes = Mailboxes(self.node_id)
-
-    @asynccontextmanager
-    async def open_mailbox(self) -> AsyncIterator[Mailbox]:
-        with self.mailboxes.open() as mailbox:
-            yield mailbox
 
     async def register(
         self, phrase: str, username: str, challenger: Address, *, ttl: float

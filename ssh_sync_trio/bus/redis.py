@@ -40,6 +40,7 @@ from ssh_sync_trio.bus.base import (
     UNAVAILABLE,
     BusStatistics,
     BusUnavailable,
+    NodeBus,
     PeerUnreachable,
     PhraseTaken,
     TooManyPending,
@@ -52,7 +53,6 @@ from ssh_sync_trio.bus.events import (
     decode,
     encode,
 )
-from ssh_sync_trio.bus.mailboxes import Mailbox, Mailboxes
 from ssh_sync_trio.config import Settings
 from ssh_sync_trio.errors import StartupError
 
@@ -131,14 +131,11 @@ def channel(node: str) -> str:
 
 
 @attrs.define(eq=False)
-class RedisBus:
+class RedisBus(NodeBus):
     """The cluster bus; see `Bus` for what each operation promises."""
 
-    node_id: str
-    max_pending_per_user: int
     client: redis.Redis
     listener_client: redis.Redis
-    mailboxes: Mailboxes = attrs.field(init=False)
     healthy: bool = False
     malformed: int = 0
     unknown: int = 0
@@ -153,15 +150,7 @@ class RedisBus:
     _resubscribe: threading.Event = attrs.field(factory=threading.Event)
     _subscribed: bool = False
 
-    def __attrs_post_init__(self) -> None:
-        self.mailboxes = Mailboxes(self.node_id)
-
     # The Bus operations
-
-    @asynccontextmanager
-    async def open_mailbox(self) -> AsyncIterator[Mailbox]:
-        with self.mailboxes.open() as mailbox:
-            yield mailbox
 
     async def register(
         self, phrase: str, username: str, challenger: Address, *, ttl: float
@@ -295,7 +284,6 @@ class RedisBus:
             overdue = trio.current_time() - self._probe_back > PROBE_DEADLINE
             if self.healthy and overdue:
                 self._lost("probes stopped coming back")
-                self._resubscribe.set()
 
     # The reading thread
 
@@ -369,7 +357,10 @@ class RedisBus:
         self.mailboxes.deliver(mailbox_id, event)
 
     def _lost(self, why: str) -> None:
+        # Whatever failed, start over from a fresh subscription: recovery is
+        # declared only once a probe comes back through it.
         self._subscribed = False
+        self._resubscribe.set()
         if not self.healthy:
             return
         self.healthy = False
@@ -473,7 +464,7 @@ def _probe_nonce(raw: bytes) -> str | None:
         return None
     try:
         nonce = json.loads(raw)["probe"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return None
     return nonce if isinstance(nonce, str) else None
 

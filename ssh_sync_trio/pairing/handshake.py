@@ -36,7 +36,7 @@ from ssh_sync_trio.bus import (
 )
 from ssh_sync_trio.bus.base import BusError
 from ssh_sync_trio.model import NewMachine, User
-from ssh_sync_trio.names import name_problem
+from ssh_sync_trio.names import name_problem, storable
 from ssh_sync_trio.pairing.phrases import make_phrase, normalise
 from ssh_sync_trio.storage import Conflict, Store, queries
 from ssh_sync_trio.storage.store import Unavailable
@@ -288,7 +288,9 @@ async def responder(side: Side, username: str) -> str:
     """
     answer = await side.from_client()
     typed = answer.get("challenge")
-    phrase = normalise(typed) if isinstance(typed, str) else ""
+    # A phrase we made up is plain ASCII; anything Redis cannot key on
+    # (a lone surrogate, say) is as wrong as any other typo.
+    phrase = normalise(typed) if isinstance(typed, str) and storable(typed) else ""
     challenger_at = await _bus(side.bus.claim(phrase, username)) if phrase else None
     if challenger_at is None:
         raise PairingFailed("invalid phrase", INVALID_CHALLENGE, None)
