@@ -38,6 +38,8 @@ environment variables (also read from ./.env unless NO_DOTENV is set):
   MAX_PENDING           open pairing phrases per node (10000)
   DB_THREADS            database worker threads and connections (8)
   SHUTDOWN_GRACE        seconds open connections get at shutdown (5)
+  TRUSTED_PROXY_HOPS    proxies in front whose X-Forwarded-For is believed,
+                        for the client address in the access log (0)
   NO_DOTENV             set to skip reading .env
 """
 
@@ -80,6 +82,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the console script and of `python -m ssh_sync_trio`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("serve", "migrate", "-h", "--help", "--version"):
+        argv.insert(0, "serve")  # `serve` is the default, options and all
     args = parser().parse_args(argv)
     load_dotenv_unless_disabled()
     for option, variable in (
@@ -103,12 +108,19 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _migrate(settings: Settings) -> int:
+    from sqlalchemy.exc import DBAPIError
+
+    from ssh_sync_trio.errors import first_line
     from ssh_sync_trio.storage import migrate
     from ssh_sync_trio.storage.store import describe, make_engine
 
     engine = make_engine(settings.database, pool_size=1)
     try:
         revision = migrate.upgrade(engine)
+    except DBAPIError as error:
+        place = describe(settings.database)
+        log.critical("cannot migrate %s: %s", place, first_line(error.orig))
+        return 1
     finally:
         engine.dispose()
     log.info(
@@ -125,7 +137,9 @@ async def _serve_until_signal(settings: Settings) -> int:
     refused: list[BaseException] = []
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_wait_for_signal, signals, shutdown)
+            nursery.start_soon(
+                _wait_for_signals, signals, shutdown, nursery.cancel_scope
+            )
             try:
                 await serve(settings, shutdown=shutdown)
             except* StartupError as errors:
@@ -137,8 +151,15 @@ async def _serve_until_signal(settings: Settings) -> int:
     return 1 if refused else 0
 
 
-async def _wait_for_signal(signals: AsyncIterator[int], shutdown: trio.Event) -> None:
+async def _wait_for_signals(
+    signals: AsyncIterator[int], shutdown: trio.Event, everything: trio.CancelScope
+) -> None:
+    """The first signal stops gracefully; a second one stops at once."""
     async for signum in signals:
-        log.info("received %s, stopping", signal.Signals(signum).name)
-        shutdown.set()
-        return
+        name = signal.Signals(signum).name
+        if not shutdown.is_set():
+            log.info("received %s, stopping (send it again to stop at once)", name)
+            shutdown.set()
+        else:
+            log.warning("received %s again, stopping at once", name)
+            everything.cancel()

@@ -51,6 +51,7 @@ class Settings:
     max_pending: int = 10_000
     db_threads: int = 8
     shutdown_grace: float = 5.0
+    trusted_proxy_hops: int = 0
 
     @property
     def database(self) -> URL:
@@ -81,6 +82,9 @@ class Settings:
             max_pending=reader.number("MAX_PENDING", 10_000, int, low=1),
             db_threads=reader.number("DB_THREADS", 8, int, low=1, high=256),
             shutdown_grace=reader.number("SHUTDOWN_GRACE", 5.0, float, low=0.0),
+            trusted_proxy_hops=reader.number(
+                "TRUSTED_PROXY_HOPS", 0, int, low=0, high=16
+            ),
         )
 
 
@@ -136,8 +140,16 @@ class _Reader:
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(name, f"not a finite number: {raw!r}")
         if (low is not None and value < low) or (high is not None and value > high):  # type: ignore[operator]
-            raise ConfigError(name, f"out of range [{low}, {high}]: {raw}")
+            raise ConfigError(name, f"{raw} is {_range(low, high)}")
         return value
+
+
+def _range(low: float | None, high: float | None) -> str:
+    if high is None:
+        return f"below the least allowed, {low}"
+    if low is None:
+        return f"above the most allowed, {high}"
+    return f"outside {low} to {high}"
 
 
 def _database_url(reader: _Reader) -> str:

@@ -12,17 +12,19 @@ import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
+from typing import Any
 
 import attrs
 import hypercorn.trio
 import trio
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.middleware import ProxyFixMiddleware
 from sqlalchemy.exc import DBAPIError
 
 from ssh_sync_trio.bus import Bus, MemoryBus
 from ssh_sync_trio.bus.base import SHUTTING_DOWN
 from ssh_sync_trio.config import Settings
-from ssh_sync_trio.errors import StartupError
+from ssh_sync_trio.errors import StartupError, first_line
 from ssh_sync_trio.http import hypercorn_fix
 from ssh_sync_trio.http.app import build_app
 from ssh_sync_trio.pairing.service import Pairings
@@ -69,7 +71,7 @@ async def serve(
             revision = await trio.to_thread.run_sync(migrate.upgrade, store.engine)
         except DBAPIError as error:
             raise StartupError(
-                f"database {describe(settings.database)}: {error.orig}"
+                f"database {describe(settings.database)}: {first_line(error.orig)}"
             ) from None
         log.info("database: %s (schema %s)", describe(settings.database), revision)
         async with open_bus(settings) as bus:
@@ -92,14 +94,16 @@ async def _start_http(
         return await nursery.start(  # type: ignore[no-any-return]
             partial(
                 hypercorn.trio.serve,
-                build_app(services),  # type: ignore[arg-type]
+                _behind_proxies(build_app(services), settings.trusted_proxy_hops),
                 hypercorn_config(settings),
                 shutdown_trigger=shutdown.wait,
             )
         )
-    except OSError as error:
+    except* OSError as errors:
+        # Hypercorn binds inside its own nurseries: the error comes grouped.
+        first = _leaf(errors)
         raise StartupError(
-            f"cannot listen on {settings.host}:{settings.port}: {error}"
+            f"cannot listen on {settings.host}:{settings.port}: {first}"
         ) from None
 
 
@@ -131,6 +135,22 @@ async def open_bus(settings: Settings) -> AsyncIterator[Bus]:
         return
     log.info("bus: in memory (single node)")
     yield MemoryBus(settings.node_id, settings.max_pending_per_user)
+
+
+def _behind_proxies(app: Any, hops: int) -> Any:
+    """`app`, reading the client's address from X-Forwarded-For when it sits
+    behind `hops` trusted proxies (hypercorn's ProxyFixMiddleware)."""
+    if hops == 0:
+        return app
+    return ProxyFixMiddleware(app, mode="legacy", trusted_hops=hops)
+
+
+def _leaf(group: BaseExceptionGroup[OSError]) -> OSError:
+    """The first error inside `group`, however deeply nested."""
+    found = group.exceptions[0]
+    while isinstance(found, BaseExceptionGroup):
+        found = found.exceptions[0]
+    return found
 
 
 def hypercorn_config(settings: Settings) -> HypercornConfig:

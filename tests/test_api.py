@@ -1,4 +1,4 @@
-"""End-to-end tests of the HTTP API: PROTOCOL.md sections 1 to 3.
+"""End-to-end tests of the HTTP API: docs/protocol.md sections 1 to 3.
 
 Rules:
 
@@ -363,7 +363,7 @@ async def test_setup_conflicts(node: RunningServer, http: httpx.AsyncClient) -> 
 
 
 # --------------------------------------------------------------------------
-# Authentication (PROTOCOL.md section 2)
+# Authentication (docs/protocol.md §2)
 
 
 @ceiling

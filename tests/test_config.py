@@ -236,6 +236,8 @@ BAD_VALUES = [
     ("DB_THREADS", "0"),
     ("DB_THREADS", "1000"),
     ("SHUTDOWN_GRACE", "-1"),
+    ("TRUSTED_PROXY_HOPS", "-1"),
+    ("TRUSTED_PROXY_HOPS", "many"),
     ("SHUTDOWN_GRACE", "inf"),
 ]
 

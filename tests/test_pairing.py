@@ -1,4 +1,4 @@
-"""Pairing a new machine over real WebSockets, on one node (PROTOCOL.md §4).
+"""Pairing a new machine over real WebSockets, on one node (protocol §4).
 
 Rules: the node listens on 127.0.0.1, port 0, inside the test's nursery;
 both machines are real trio-websocket clients; every read has a deadline

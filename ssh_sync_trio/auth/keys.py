@@ -1,4 +1,4 @@
-"""Machine public keys: the two PEM families of PROTOCOL.md section 2.
+"""Machine public keys: the two PEM families of docs/protocol.md §2.
 
 A classic machine stores a `PUBLIC KEY` block (an EC SubjectPublicKeyInfo);
 a post-quantum one stores an `ML-DSA PUBLIC KEY` block holding the raw

@@ -2,7 +2,7 @@
 
 Generic JWT libraries cannot serve this client: classic clients sign
 `ES512` with a P-256 key, which those libraries reject, and none knows the
-ML-DSA algorithms. The rules are PROTOCOL.md section 2. Every failure is the
+ML-DSA algorithms. The rules are docs/protocol.md §2. Every failure is the
 same `Unauthorized`, so a caller cannot learn which check failed.
 """
 

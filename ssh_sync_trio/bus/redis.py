@@ -400,6 +400,7 @@ class RedisBus(NodeBus):
     async def _take_node_id(self) -> None:
         key = node_key(self.node_id)
         # A node that stopped uncleanly holds its id until its key expires.
+        waited = False
         with trio.move_on_after(NODE_TTL + TICK):
             while True:
                 taken = await self._startup_command(
@@ -407,6 +408,13 @@ class RedisBus(NodeBus):
                 )
                 if taken:
                     return
+                if not waited:
+                    waited = True
+                    log.warning(
+                        "bus: NODE_ID %r is held; waiting up to %.0f s for it to expire",
+                        self.node_id,
+                        NODE_TTL + TICK,
+                    )
                 await trio.sleep(TICK / 2)
         raise StartupError(
             f"NODE_ID {self.node_id!r} is held by another live node; give each node its own"

@@ -1,4 +1,4 @@
-"""The HTTP routes of PROTOCOL.md section 3, and the config extension.
+"""The HTTP routes of docs/protocol.md §3, and the config extension.
 
 Each handler parses and validates its whole request before it calls
 storage, so a bad request never changes stored data.

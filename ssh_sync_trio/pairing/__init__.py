@@ -1,1 +1,1 @@
-"""Pairing a new machine: the handshake of PROTOCOL.md section 4."""
+"""Pairing a new machine: the handshake of docs/protocol.md §4."""

@@ -45,7 +45,7 @@ E = TypeVar("E")
 
 log = logging.getLogger("ssh_sync_trio.pairing")
 
-# The texts the client shows, from PROTOCOL.md section 4.
+# The texts the client shows, from docs/protocol.md §4.
 USER_NOT_FOUND = "User not found"
 MACHINE_EXISTS = "Machine already exists"
 CHALLENGE_TIMED_OUT = "Challenge timed out"

@@ -32,7 +32,7 @@ from ssh_sync_trio.pairing.service import Pairings
 
 log = logging.getLogger("ssh_sync_trio.pairing")
 
-# PROTOCOL.md section 4: larger client messages are refused. The server
+# docs/protocol-notes.md: larger client messages are refused. The server
 # (hypercorn) drops a connection whose messages are far larger still.
 MAX_MESSAGE_BYTES = 1024 * 1024
 TOO_LARGE = "Message too large"

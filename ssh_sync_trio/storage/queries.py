@@ -273,7 +273,7 @@ def pending_rotation(conn: Connection, machine_id: uuid.UUID) -> bytes:
     """The master key waiting for this machine; `NotFound` if none."""
     key = _pending_rotation(conn, machine_id)
     if key is None:
-        raise NotFound("rotation")
+        raise NotFound("pending rotation")
     return key
 
 
@@ -330,6 +330,10 @@ def _pending_rotation(conn: Connection, machine_id: uuid.UUID) -> bytes | None:
     return _bytes(key)
 
 
+# What a row of each table is called in an error message.
+_WHAT = {ssh_keys.name: "key", ssh_configs.name: "config entry"}
+
+
 def _delete_owned(
     conn: Connection, table: Table, user_id: uuid.UUID, row_id: uuid.UUID
 ) -> None:
@@ -337,7 +341,7 @@ def _delete_owned(
         delete(table).where(and_(table.c.user_id == user_id, table.c.id == row_id))
     )
     if result.rowcount == 0:
-        raise NotFound(table.name)
+        raise NotFound(_WHAT[table.name])
 
 
 def _upsert_known_hosts(
