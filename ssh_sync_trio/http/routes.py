@@ -186,6 +186,12 @@ def read_form(request: Request) -> Any:
 
 
 def text_field(form: FormData, name: str) -> str:
+    """A required text part of a multipart form.
+
+    Known shortcoming: Starlette has already decoded the part, falling back
+    to Latin-1 for bytes that are not UTF-8, so such text is stored garbled
+    rather than refused; the raw bytes are not available here.
+    """
     value = form.get(name)
     if value is None:
         raise BadRequest(f"missing field {name}")
