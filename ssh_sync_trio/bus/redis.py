@@ -25,6 +25,7 @@ import logging
 import random
 import secrets
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from typing import Any, TypeVar
@@ -308,7 +309,7 @@ class RedisBus(NodeBus):
                 if first:
                     raise
             self._sleep_in_thread(backoff)
-            backoff = min(RECONNECT_MAX, backoff * 2) * random.uniform(0.8, 1.2)
+            backoff = min(RECONNECT_MAX, backoff * 2 * random.uniform(0.8, 1.2))
 
     def _read_until_broken(self, pubsub: Any) -> None:
         self._resubscribe.clear()
@@ -319,11 +320,12 @@ class RedisBus(NodeBus):
                 trio.from_thread.run_sync(self._on_message, message["data"])
 
     def _sleep_in_thread(self, seconds: float) -> None:
-        deadline = seconds
-        while deadline > 0:
+        # In slices, so that cancellation is noticed within READ_SLICE.
+        left = seconds
+        while left > 0:
             trio.from_thread.check_cancelled()
-            threading.Event().wait(min(READ_SLICE, deadline))
-            deadline -= READ_SLICE
+            time.sleep(min(READ_SLICE, left))
+            left -= READ_SLICE
 
     # Run in trio, called from the reading thread
 
