@@ -29,6 +29,7 @@ from ssh_sync_trio.pairing.handshake import (
     Side,
 )
 from ssh_sync_trio.pairing.service import Pairings
+from ssh_sync_trio.storage.store import Unavailable
 
 log = logging.getLogger("ssh_sync_trio.pairing")
 
@@ -77,6 +78,11 @@ async def existing_machine(socket: WebSocket) -> None:
     except Unauthorized:
         await socket.send_denial_response(
             JSONResponse({"message": "unauthorized"}, 401)
+        )
+        return
+    except Unavailable:
+        await socket.send_denial_response(
+            JSONResponse({"message": "storage unavailable, try again"}, 503)
         )
         return
     await socket.accept()
