@@ -20,6 +20,7 @@ from trio_websocket import ConnectionRejected
 from ssh_sync_trio.model import NewMachine
 from ssh_sync_trio.server import RunningServer
 from ssh_sync_trio.storage import queries
+from ssh_sync_trio.storage.store import Unavailable
 from tests import harness, sshclient
 from tests.pairing import (
     ask_for_phrase,
@@ -481,3 +482,19 @@ async def test_a_bug_still_ends_both_sides(
                 "Internal server error, try again",
             )
     assert any("failed unexpectedly" in r.getMessage() for r in caplog.records)
+
+
+async def test_responder_refused_while_storage_is_down(
+    one_node: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    existing = sshclient.Machine.classic("ada", "laptop")
+    await account(one_node, existing)
+
+    def down(*_args: object) -> None:
+        raise Unavailable("database unreachable")
+
+    monkeypatch.setattr(queries, "find_caller", down)
+    with trio.fail_after(CEILING), pytest.raises(ConnectionRejected) as rejected:
+        async with existing_machine_socket(one_node, existing):
+            pass  # pragma: no cover - the upgrade is refused
+    assert rejected.value.status_code == 503
