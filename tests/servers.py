@@ -165,9 +165,7 @@ def _wait_until_ready(
         time.sleep(_POLL_INTERVAL)
 
 
-def _spawn(
-    argv: list[str], log_path: Path, **kwargs: Any
-) -> subprocess.Popen[bytes]:
+def _spawn(argv: list[str], log_path: Path, **kwargs: Any) -> subprocess.Popen[bytes]:
     """Start `argv` with stdout and stderr appended to `log_path`."""
     with open(log_path, "ab") as log:
         # The child keeps its own copy of the descriptor, so ours can close.
@@ -296,8 +294,25 @@ def _server_env() -> dict[str, str]:
     return env
 
 
+class _ChildProcess:
+    """What a server that runs as our child process says of its process."""
+
+    __slots__ = ()
+    _process: subprocess.Popen[bytes] | None
+
+    @property
+    def running(self) -> bool:
+        """Whether the server process is alive."""
+        return self._process is not None and self._process.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        """Process id of the server while it runs."""
+        return self._process.pid if self.running and self._process else None
+
+
 @attrs.define(eq=False)
-class PostgresServer:
+class PostgresServer(_ChildProcess):
     """A PostgreSQL server owned by the test run, with trust authentication.
 
     Start one with `PostgresServer.start`; make a database per test with
@@ -311,9 +326,7 @@ class PostgresServer:
     port: int
     host: str = LOCALHOST
     user: str = "postgres"
-    _process: subprocess.Popen[bytes] | None = attrs.field(
-        default=None, repr=False
-    )
+    _process: subprocess.Popen[bytes] | None = attrs.field(default=None, repr=False)
     _scratch_dir: Path | None = attrs.field(default=None, repr=False)
 
     @classmethod
@@ -349,16 +362,6 @@ class PostgresServer:
         """SQLAlchemy URL of the ``postgres`` maintenance database."""
         return self.url("postgres")
 
-    @property
-    def running(self) -> bool:
-        """Whether the server process is alive."""
-        return self._process is not None and self._process.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        """Process id of the postmaster while it runs."""
-        return self._process.pid if self.running and self._process else None
-
     def url(self, database: str) -> str:
         """SQLAlchemy URL (psycopg 3 driver) of `database` on this server."""
         return f"postgresql+psycopg://{self._authority()}/{database}"
@@ -367,9 +370,7 @@ class PostgresServer:
         """libpq URL of `database`, for psycopg or psql."""
         return f"postgresql://{self._authority()}/{database}"
 
-    def connect(
-        self, database: str = "postgres", **kwargs: Any
-    ) -> psycopg.Connection:
+    def connect(self, database: str = "postgres", **kwargs: Any) -> psycopg.Connection:
         """Open a psycopg connection to `database`; the caller closes it."""
         kwargs.setdefault("connect_timeout", 5)
         return psycopg.connect(self.dsn(database), **kwargs)
@@ -382,9 +383,7 @@ class PostgresServer:
 
     def drop_database(self, name: str, *, force: bool = True) -> None:
         """Drop `name` if it exists, by default closing its connections."""
-        query = sql.SQL("DROP DATABASE IF EXISTS {}").format(
-            sql.Identifier(name)
-        )
+        query = sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name))
         if force:
             query = sql.SQL("{} WITH (FORCE)").format(query)
         self._admin(query)
@@ -413,10 +412,14 @@ class PostgresServer:
     def _initdb(self, account: _Account | None, deadline: float) -> None:
         argv = [
             str(self.bin_dir / "initdb"),
-            "--pgdata", str(self.data_dir),
-            "--username", self.user,
-            "--auth", "trust",
-            "--encoding", "UTF8",
+            "--pgdata",
+            str(self.data_dir),
+            "--username",
+            self.user,
+            "--auth",
+            "trust",
+            "--encoding",
+            "UTF8",
             "--no-locale",
             "--no-sync",
         ]
@@ -451,7 +454,10 @@ class PostgresServer:
             _running.add(self)
             try:
                 _wait_until_ready(
-                    self._process, self._answers, deadline, "PostgreSQL",
+                    self._process,
+                    self._answers,
+                    deadline,
+                    "PostgreSQL",
                     self.log_path,
                 )
                 return
@@ -526,7 +532,7 @@ def find_redis_server() -> Path:
 
 
 @attrs.define(eq=False)
-class RedisServer:
+class RedisServer(_ChildProcess):
     """A Redis server owned by the test run, without persistence.
 
     It can be stopped and started again on the same port, so a test can
@@ -538,9 +544,7 @@ class RedisServer:
     port: int
     password: str | None = None
     host: str = LOCALHOST
-    _process: subprocess.Popen[bytes] | None = attrs.field(
-        default=None, repr=False
-    )
+    _process: subprocess.Popen[bytes] | None = attrs.field(default=None, repr=False)
 
     @classmethod
     def start(
@@ -578,16 +582,6 @@ class RedisServer:
     def log_path(self) -> Path:
         """File receiving the server's log, across restarts."""
         return self.base_dir / "redis.log"
-
-    @property
-    def running(self) -> bool:
-        """Whether the server process is alive."""
-        return self._process is not None and self._process.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        """Process id of the server while it runs."""
-        return self._process.pid if self.running and self._process else None
 
     def start_again(self, *, timeout: float = START_TIMEOUT) -> None:
         """Start the stopped server on the same port; wait until it answers."""
@@ -651,14 +645,21 @@ class RedisServer:
     def _argv(self) -> list[str]:
         argv = [
             str(self.executable),
-            "--bind", self.host,
-            "--port", str(self.port),
-            "--save", "",
-            "--appendonly", "no",
-            "--daemonize", "no",
-            "--dir", str(self.base_dir),
+            "--bind",
+            self.host,
+            "--port",
+            str(self.port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            "--dir",
+            str(self.base_dir),
             # An empty log file name sends the log to stdout: our log file.
-            "--logfile", "",
+            "--logfile",
+            "",
         ]
         if self.password is not None:
             argv += ["--requirepass", self.password]

@@ -62,14 +62,21 @@ async def cluster(
     nursery: trio.Nursery, pg_url: str, redis_url: str, redis_server: RedisServer
 ) -> AsyncIterator[list[RunningServer]]:
     """Three nodes on one PostgreSQL database and one Redis."""
-    nodes = [
-        await harness.start_node(
-            nursery, pg_url, redis_url=redis_url, node_id=f"node-{i}"
-        )
-        for i in (1, 2, 3)
-    ]
+    nodes = await start_nodes(nursery, pg_url, redis_url, "node-1", "node-2", "node-3")
     yield nodes
     await assert_clean(redis_server, *nodes)
+
+
+async def start_nodes(
+    nursery: trio.Nursery, database_url: str, redis_url: str, *node_ids: str
+) -> list[RunningServer]:
+    """One node per id, on one database and one Redis, started in turn."""
+    return [
+        await harness.start_node(
+            nursery, database_url, redis_url=redis_url, node_id=node_id
+        )
+        for node_id in node_ids
+    ]
 
 
 async def account(node: RunningServer, machine: sshclient.Machine) -> None:
@@ -98,12 +105,7 @@ async def test_two_nodes_classic_responder(
     nursery: trio.Nursery, pg_url: str, redis_url: str, redis_server: RedisServer
 ) -> None:
     with trio.fail_after(CEILING):
-        one = await harness.start_node(
-            nursery, pg_url, redis_url=redis_url, node_id="one"
-        )
-        two = await harness.start_node(
-            nursery, pg_url, redis_url=redis_url, node_id="two"
-        )
+        one, two = await start_nodes(nursery, pg_url, redis_url, "one", "two")
         existing = sshclient.Machine.classic("ada", "laptop")
         await account(one, existing)
         await pair(one, two, sshclient.Machine.post_quantum("ada", "b1"), existing)
@@ -273,12 +275,7 @@ async def test_redis_password_and_db(
     try:
         with trio.fail_after(CEILING):
             url = secured.url.rsplit("/", 1)[0] + "/3"
-            one = await harness.start_node(
-                nursery, sqlite_url, redis_url=url, node_id="p1"
-            )
-            two = await harness.start_node(
-                nursery, sqlite_url, redis_url=url, node_id="p2"
-            )
+            one, two = await start_nodes(nursery, sqlite_url, url, "p1", "p2")
             existing = sshclient.Machine.classic("ada", "laptop")
             await account(one, existing)
             await pair(one, two, sshclient.Machine.classic("ada", "desktop"), existing)
@@ -387,7 +384,6 @@ async def _child_nursery(parent: trio.Nursery, scope: trio.CancelScope) -> trio.
                 await trio.sleep_forever()
 
     return await parent.start(host)
-
 
 
 async def test_nodes_starting_together_migrate_once(
